@@ -1,0 +1,1 @@
+"""Subcommands of the ``polycom`` CLI (see :mod:`polycom.cli`)."""
