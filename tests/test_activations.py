@@ -236,3 +236,19 @@ def test_public_api():
         "ACTIVATIONS",
     ):
         assert hasattr(polycom, name)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_gradcheck_every_registered_activation(name):
+    """float64 gradcheck through input and every parameter of each registry entry."""
+    spec = get_activation_spec(name)
+    act = build_activation(name, dtype=torch.float64) if spec.has_parameters else build_activation(name)
+    names = [n for n, _ in act.named_parameters()]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, spec.up_features(4), generator=g, dtype=torch.float64)
+    x = (x.sign() * (x.abs() + 0.1)).requires_grad_(True)  # away from the ReLU kink
+
+    def fn(x, *values):
+        return torch.func.functional_call(act, dict(zip(names, values, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *act.parameters()), eps=1e-6, atol=1e-6)
