@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "polycom.commands.demo",
     "activations": "polycom.commands.activations",
+    "prepare": "polycom.commands.prepare",
+    "presets": "polycom.commands.presets",
 }
 
 
