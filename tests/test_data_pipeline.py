@@ -117,3 +117,46 @@ def test_prepare_default_caches_and_reuses(tmp_path):
     assert len(list((tmp_path / "shards").iterdir())) == 1
     other = prepare_default(cache_dir=tmp_path, vocab_size=320, max_bytes=100_000)
     assert other != first and TokenShards(other, "val").vocab_size == 320
+
+
+def test_loader_state_and_bad_arguments(data_dir):
+    train = TokenShards(data_dir, "train")
+    loader = WindowLoader(train, seq_len=16, batch_size=2, seed=11)
+    resumed = WindowLoader(train, seq_len=16, batch_size=2, seed=0)
+    resumed.load_state_dict(loader.state_dict())
+    torch.testing.assert_close(resumed.batch(42), loader.batch(42))
+    with pytest.raises(ValueError, match="loader state has seq_len=16, but this loader has seq_len=8"):
+        WindowLoader(train, seq_len=8, batch_size=2).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match=f"has only {train.num_tokens}; use a shorter seq_len"):
+        WindowLoader(train, seq_len=train.num_tokens, batch_size=1)
+    with pytest.raises(ValueError, match="rank must be in \\[0, world_size=2\\), got 2"):
+        WindowLoader(train, 16, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        WindowLoader(train, 16, 0)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        ValidationWindows(TokenShards(data_dir, "val"), seq_len=10**9, batch_size=1)
+
+
+def test_prepare_command(tmp_path, capsys):
+    from polycom.cli import main
+
+    (tmp_path / "docs").mkdir()
+    for i in range(6):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i} " * 50)
+    args = [
+        "prepare",
+        "--data",
+        str(tmp_path / "docs"),
+        "--vocab-size",
+        "270",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "out"), "--val-percent", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"data dir     {tmp_path / 'out'}" in out and "dtype uint16" in out
+    assert TokenShards(tmp_path / "out", "val").num_tokens > 0
+    assert main(["prepare", "--data", str(tmp_path / "missing")]) == 2
+    assert "polycom prepare: error: data path" in capsys.readouterr().err
+    assert main([*args, "--tokenizer", str(tmp_path / "out")]) == 2
+    assert "cannot be used with --tokenizer" in capsys.readouterr().err

@@ -21,10 +21,12 @@ always verify, ``verify=False`` to skip.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -149,7 +151,8 @@ def prepare_shards(
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens!r}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    remove_stale_temp_dirs(out_dir)
+    tmp_dir = out_dir.with_name(f"{_temp_prefix(out_dir)}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
         tmp_dir.mkdir()
         splits = {}
@@ -177,6 +180,36 @@ def prepare_shards(
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def _temp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.tmp-{socket.gethostname()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Delete temp dirs left by prepares of ``out_dir`` that were killed (this host, pid gone).
+
+    Temp dirs are named ``.<name>.tmp-<host>-<pid>-<random>``; ones from other hosts (a shared
+    filesystem) or from live processes are left alone.
+    """
+    prefix = _temp_prefix(out_dir)
+    removed = []
+    for path in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _write_json(path: Path, obj: dict) -> None:

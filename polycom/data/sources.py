@@ -120,6 +120,11 @@ def local_corpus(
     docs = [(key, text) for key, text in docs if text]
     if not docs:
         raise ValueError(f"the corpus at {[str(p) for p in paths]} is empty: no non-empty documents found")
+    if len(docs) < 2:
+        raise ValueError(
+            f"the corpus at {[str(p) for p in paths]} has 1 document, too few to split into train and val "
+            "(a .txt file is one document); add files, or use a .jsonl file with one document per line"
+        )
     rule = f"{split_rule(val_percent)};cap=max_bytes:{max_bytes},max_files:{max_files}"
     fingerprint = fingerprint_documents(rule, ((key, text.encode()) for key, text in docs))
     is_val = assign_splits([key for key, _ in docs], val_percent)

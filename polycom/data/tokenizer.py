@@ -57,10 +57,8 @@ class Tokenizer:
         if eos_id is None:
             raise ValueError(f"tokenizer {source!r} has no token {self.eos_token!r} to use as end-of-text")
         self.eos_id: int = eos_id
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        # one past the largest id (not the token count): ids may have holes in imported tokenizers
+        self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
