@@ -96,8 +96,9 @@ def test_validation_windows_are_fixed_and_cover_the_split(data_dir):
         torch.testing.assert_close(a, b)
     everything = ValidationWindows(val, seq_len=32, batch_size=1000)
     assert everything.num_windows == (val.num_tokens - 1) // 32
-    ranks = [ValidationWindows(val, 32, 5, max_windows=12, rank=r, world_size=2).window_ids for r in (0, 1)]
-    assert ranks[0] + ranks[1] == ValidationWindows(val, 32, 5, max_windows=12).window_ids
+    ranks = [ValidationWindows(val, 32, 5, max_windows=12, rank=r, world_size=5).window_ids for r in range(5)]
+    assert sum(ranks, []) == ValidationWindows(val, 32, 5, max_windows=12).window_ids
+    assert sorted(len(ids) for ids in ranks) == [2, 2, 2, 3, 3]
 
 
 def test_unigram_entropy_matches_a_direct_computation(data_dir):

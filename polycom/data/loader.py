@@ -115,8 +115,8 @@ class ValidationWindows:
     The split holds ``M = (N - 1) // seq_len`` non-overlapping windows (window ``i`` covers tokens
     ``[i * seq_len, (i + 1) * seq_len + 1)``); ``max_windows = K < M`` keeps windows
     ``floor(j * M / K)`` for ``j < K``, spread over the whole split. With ``world_size > 1`` rank
-    ``r`` takes a contiguous ``1 / world_size`` slice of them (the last ranks may get one fewer);
-    the caller averages the per-token losses over ranks weighted by ``num_windows``.
+    ``r`` takes the contiguous slice ``[r * K // W, (r + 1) * K // W)`` of them (sizes differ by at
+    most one); the caller sums losses and token counts over ranks before dividing.
     """
 
     def __init__(
@@ -139,8 +139,9 @@ class ValidationWindows:
             )
         count = total if max_windows is None else min(max_windows, total)
         chosen = [j * total // count for j in range(count)]
-        per_rank = -(-count // world_size)
-        self.window_ids = chosen[rank * per_rank : (rank + 1) * per_rank]
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        self.window_ids = chosen[rank * count // world_size : (rank + 1) * count // world_size]
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
 
     @property
