@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "polycom.commands.demo",
     "activations": "polycom.commands.activations",
+    "train": "polycom.commands.train",
     "prepare": "polycom.commands.prepare",
     "presets": "polycom.commands.presets",
 }
