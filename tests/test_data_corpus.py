@@ -127,6 +127,10 @@ def test_local_parquet(tmp_path):
         (lambda d: (d / "one.txt").write_text("only") and d / "one.txt", "has 1 document, too few"),
         (lambda d: (d / "r.jsonl").write_text('{"txt": "x"}\n') and d / "r.jsonl", "no text field 'text'"),
         (lambda d: (d / "r.jsonl").write_text("{oops\n") and d / "r.jsonl", "line 1 is not valid JSON"),
+        (
+            lambda d: [(d / "a.txt").write_text("x"), (d / "b.txt").write_text("y")] and [d / "a.txt"] * 2,
+            "same name",
+        ),
     ],
 )
 def test_local_corpus_errors_name_the_problem(tmp_path, setup, message):

@@ -206,3 +206,14 @@ def test_load_tokenizer_paths_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="could not be loaded from the Hugging Face Hub or its local cache"):
         load_tokenizer("someone/not-a-cached-tokenizer")
+
+
+def test_prepare_never_replaces_a_directory_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a prepared shard directory"):
+        prepare_shards(word_corpus(), word_tokenizer(1000), precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert TokenShards(prepare_shards(word_corpus(), word_tokenizer(1000), tmp_path / "empty")).num_tokens

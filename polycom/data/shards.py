@@ -150,9 +150,10 @@ def prepare_shards(
     np_dtype = select_dtype(tokenizer.vocab_size, dtype)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens!r}")
+    _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out_dir)
-    tmp_dir = out_dir.with_name(f"{_temp_prefix(out_dir)}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    tmp_dir = _temp_path(out_dir, "tmp")
     try:
         tmp_dir.mkdir()
         splits = {}
@@ -182,8 +183,28 @@ def prepare_shards(
     return out_dir
 
 
-def _temp_prefix(out_dir: Path) -> str:
-    return f".{out_dir.name}.tmp-{socket.gethostname()}-"
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that is not ours: only an empty dir or a prepared one."""
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or _is_shard_dir(out_dir))):
+        raise ValueError(
+            f"output {str(out_dir)!r} exists and is not a prepared shard directory; "
+            "choose a new or empty directory (prepare replaces only its own output)"
+        )
+
+
+def _is_shard_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / "index.json").read_text(encoding="utf-8")).get("format") == SHARDS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _temp_prefix(out_dir: Path, kind: str) -> str:
+    return f".{out_dir.name}.{kind}-{socket.gethostname()}-"
+
+
+def _temp_path(out_dir: Path, kind: str) -> Path:
+    return out_dir.with_name(f"{_temp_prefix(out_dir, kind)}{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -199,16 +220,18 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
     """Delete temp dirs left by prepares of ``out_dir`` that were killed (this host, pid gone).
 
-    Temp dirs are named ``.<name>.tmp-<host>-<pid>-<random>``; ones from other hosts (a shared
-    filesystem) or from live processes are left alone.
+    Temp dirs are named ``.<name>.tmp-<host>-<pid>-<random>`` (a prepare in progress) or
+    ``.<name>.old-<host>-<pid>-<random>`` (a replaced output being deleted); ones from other hosts
+    (a shared filesystem) or from live processes are left alone.
     """
-    prefix = _temp_prefix(out_dir)
     removed = []
-    for path in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for kind in ("tmp", "old"):
+        prefix = _temp_prefix(out_dir, kind)
+        for path in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = path.name[len(prefix) :].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -232,7 +255,7 @@ def _move_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite and (out_dir / "index.json").is_file():
             return  # someone else finished first; theirs is complete
-        trash = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
+        trash = _temp_path(out_dir, "old")
         out_dir.rename(trash)
         try:
             tmp_dir.rename(out_dir)

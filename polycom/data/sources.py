@@ -47,14 +47,24 @@ def _find_files(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
                 raise ValueError(
                     f"data file {str(raw)!r} has suffix {path.suffix!r}; supported: {list(LOCAL_SUFFIXES)}"
                 )
-            found[path.name] = path
+            _add_file(found, path.name, path)
             continue
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if not files:
             raise ValueError(f"data folder {str(raw)!r} holds no {'/'.join(LOCAL_SUFFIXES)} files")
         for file in files:
-            found[f"{path.resolve().name}/{file.relative_to(path).as_posix()}"] = file
+            _add_file(found, f"{path.resolve().name}/{file.relative_to(path).as_posix()}", file)
     return found
+
+
+def _add_file(found: dict[str, Path], key: str, path: Path) -> None:
+    """Keys identify documents for the split and fingerprint, so two inputs may not share one."""
+    if key in found:
+        raise ValueError(
+            f"data inputs {str(found[key])!r} and {str(path)!r} have the same name {key!r} (or one is "
+            "given twice); give each file or folder a distinct name"
+        )
+    found[key] = path
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
