@@ -2,6 +2,7 @@
 
 import json
 import sys
+import types
 
 import pytest
 
@@ -146,3 +147,24 @@ def test_hf_corpus_without_datasets_is_a_clear_error(monkeypatch):
         load_corpus("hf:someone/some-dataset:config")
     with pytest.raises(ValueError, match="names no dataset"):
         load_corpus("hf:")
+
+
+def test_hf_corpus_streams_split_rows_with_a_stand_in_datasets_module(monkeypatch):
+    """The split / max_docs / field logic, with `datasets.load_dataset` replaced (no network)."""
+    calls = []
+
+    def load_dataset(name, config, split, revision, streaming):
+        calls.append((name, config, split, revision, streaming))
+        return iter([{"text": f"row {i}", "other": i} for i in range(300)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    corpus = load_corpus("hf:org/data:cfg", max_docs=200, val_percent=10)
+    train, val = list(corpus.train), list(corpus.val)
+    assert sorted(train + val) == sorted(f"row {i}" for i in range(200))
+    assert val == [f"row {i}" for i in range(200) if split_bucket(str(i)) < 10] and len(val) > 5
+    assert list(corpus.train) == train  # re-iterable: each pass streams again
+    assert calls[0] == ("org/data", "cfg", "train", None, True) and len(calls) == 3
+    assert corpus.fingerprint == hf_corpus("org/data", "cfg", max_docs=200, val_percent=10).fingerprint
+    assert corpus.fingerprint != hf_corpus("org/data", "cfg", max_docs=201, val_percent=10).fingerprint
+    with pytest.raises(ValueError, match="has no field 'body' \\(fields: \\['text', 'other'\\]\\)"):
+        list(hf_corpus("org/data", text_field="body").train)

@@ -157,6 +157,12 @@ def test_prepare_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"data dir     {tmp_path / 'out'}" in out and "dtype uint16" in out
     assert TokenShards(tmp_path / "out", "val").num_tokens > 0
+    assert main(["prepare", "--check", str(tmp_path / "out")]) == 0
+    assert "val    ok: " in capsys.readouterr().out
+    shard = tmp_path / "out" / "val" / "00000.bin"
+    shard.write_bytes(shard.read_bytes()[::-1])
+    assert main(["prepare", "--check", str(tmp_path / "out")]) == 2
+    assert "00000.bin' is corrupt" in capsys.readouterr().err
     assert main(["prepare", "--data", str(tmp_path / "missing")]) == 2
     assert "polycom prepare: error: data path" in capsys.readouterr().err
     assert main([*args, "--tokenizer", str(tmp_path / "out")]) == 2

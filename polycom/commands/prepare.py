@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--text-field", default="text", help="the .jsonl field / .parquet column / dataset field"
     )
+    parser.add_argument(
+        "--check",
+        metavar="DIR",
+        default=None,
+        help="instead of preparing: verify a prepared directory (sizes and sha256 of every shard)",
+    )
     parser.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="force the token dtype")
     parser.add_argument(
         "--shard-tokens", type=int, default=None, help="tokens per shard file (default 2**27)"
@@ -53,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from polycom.data.prepare import DEFAULT_VOCAB_SIZE, prepare_data
     from polycom.data.shards import read_index
 
+    if args.check is not None:
+        return _check(args.check)
     if args.tokenizer is not None and args.vocab_size is not None:
         raise ValueError(
             "--vocab-size sets the size of a BPE trained here; it cannot be used with --tokenizer"
@@ -85,4 +93,13 @@ def run(args: argparse.Namespace) -> int:
         counts = f"{info['num_tokens']:>12,} tokens  {info['num_docs']:>8,} docs"
         print(f"{split:<12} {counts}  {len(info['shards'])} shards")
     print(f"done in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _check(data_dir: str) -> int:
+    from polycom.data.shards import TokenShards
+
+    for split in ("train", "val"):
+        shards = TokenShards(data_dir, split, verify=True)  # raises ValueError naming a bad shard
+        print(f"{split:<6} ok: {shards.num_tokens:,} {shards.dtype.name} tokens, checksums match")
     return 0
