@@ -91,6 +91,10 @@ def test_moe_1b_7b_counts_match_olmoe():
     assert total == 16 * (experts + other) + 2048 + 2 * 50304 * 2048
     assert active == total - 16 * experts * 56 // 64
     assert 6.85e9 < total < 6.95e9 and 1.25e9 < active < 1.32e9
+    per_expert = get_preset("moe-1b-7b", moe={"coefficients": "per_expert"})
+    # 4 coefficients per expert instead of per layer; a token uses 8 of the 64 experts' sets
+    assert count_params(per_expert) == total - 16 * 4 + 16 * 64 * 4
+    assert count_params(per_expert, active=True) == active - 16 * 4 + 16 * 8 * 4
 
 
 @pytest.mark.parametrize(

@@ -140,14 +140,15 @@ class MoE(nn.Module):
 
     def _experts_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One matmul pair per expert on its contiguous group (a loop over E experts, not over tokens)."""
-        sizes = counts.tolist()
+        # unbind once: indexing w_up[e] per expert would make backward build E full-size zero gradients
+        w_up, w_down = self.w_up.unbind(0), self.w_down.unbind(0)
         outputs = []
-        for e, x_e in enumerate(x_sorted.split(sizes)):
+        for e, x_e in enumerate(x_sorted.split(counts.tolist())):
             if x_e.shape[0] == 0:
                 continue
-            h = x_e @ self.w_up[e]
+            h = x_e @ w_up[e]
             h = self.act[e](h) if self.per_expert_act else self.act(h)
-            outputs.append(h @ self.w_down[e])
+            outputs.append(h @ w_down[e])
         return torch.cat(outputs)
 
     def _experts_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -193,12 +193,14 @@ def count_params(config: ModelConfig, non_embedding: bool = False, active: bool 
     expert_ids = set()
     if active and config.moe is not None:
         expert_ids = {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.expert_parameters()}
-    total = 0
+    shared = experts = 0
     for name, param in model.named_parameters():
         if non_embedding and name in EMBEDDING_PARAMS:
             continue
-        n = param.numel()
         if id(param) in expert_ids:
-            n = n * config.moe.top_k // config.moe.num_experts  # stacked [E, ...]: exact division
-        total += n
-    return total
+            experts += param.numel()
+        else:
+            shared += param.numel()
+    if expert_ids:  # every expert has the same parameters, so E divides the expert total exactly
+        experts = experts * config.moe.top_k // config.moe.num_experts
+    return shared + experts
