@@ -263,3 +263,4 @@ def test_bfloat16_forward_is_finite(moe):
     out = model(random_tokens(2, 8))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     assert torch.isfinite(out.aux_loss)
+    assert model.generate(random_tokens(2, 4), 6).shape == (2, 10)  # the cache takes the model's dtype

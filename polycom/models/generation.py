@@ -78,10 +78,7 @@ def generate(
         )
     if max_new_tokens == 0:
         return tokens
-    cache = None
-    if use_cache:
-        dtype = model.embed.weight.dtype
-        cache = KVCache(model.config, tokens.shape[0], total, device=tokens.device, dtype=dtype)
+    cache = KVCache(model.config, tokens.shape[0], total) if use_cache else None
     out, step_input = tokens, tokens
     for _ in range(max_new_tokens):
         logits = model(step_input, cache=cache).logits[:, -1]

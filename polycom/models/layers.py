@@ -62,15 +62,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Pre-allocated keys and values for incremental decoding: one ``[B, G, max_len, D]`` pair per layer.
+    """Keys and values for incremental decoding: one ``[B, G, max_len, D]`` pair per layer.
 
-    ``length`` is the number of positions already stored (the position of the next token).
+    Each layer's buffers are allocated at its first :meth:`update`, with the dtype and device of the
+    keys it receives (so the cache follows autocast or a bf16 model). ``length`` is the number of
+    positions already stored, i.e. the position of the next token; the model advances it.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None) -> None:
-        shape = (batch_size, config.kv_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int) -> None:
+        self.shape = (batch_size, config.kv_heads, max_len, config.head_dim)
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layers
+        self.values: list[torch.Tensor | None] = [None] * config.n_layers
         self.max_len = max_len
         self.length = 0
 
@@ -79,6 +81,9 @@ class KVCache:
         start, stop = self.length, self.length + k.shape[2]
         if stop > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot store up to position {stop}")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_zeros(self.shape)
+            self.values[layer] = v.new_zeros(self.shape)
         self.keys[layer][:, :, start:stop] = k
         self.values[layer][:, :, start:stop] = v
         return self.keys[layer][:, :, :stop], self.values[layer][:, :, :stop]

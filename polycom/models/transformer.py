@@ -95,17 +95,15 @@ class Transformer(nn.Module):
         else:
             std = out_std = 0.02
             draw = lambda t, s: nn.init.trunc_normal_(t, mean=0.0, std=s, a=-3 * s, b=3 * s)
-        norm_or_act = {id(p) for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
-        for _, module in iter_polycom_modules(self):
+        own_init = [m for m in self.modules() if isinstance(m, RMSNorm)]
+        own_init += [m for _, m in iter_polycom_modules(self)]
+        skip = set()
+        for module in own_init:  # norm gains -> 1, PolyCom coefficients -> 1/r and 0
             module.reset_parameters()
-            norm_or_act.update(id(p) for p in module.parameters())
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
+            skip.update(id(p) for p in module.parameters())
         for name, param in self.named_parameters():
-            if id(param) in norm_or_act:
-                continue
-            draw(param, out_std if name.endswith(OUTPUT_PROJECTIONS) else std)
+            if id(param) not in skip:
+                draw(param, out_std if name.endswith(OUTPUT_PROJECTIONS) else std)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
