@@ -29,12 +29,15 @@ class Implementation:
 
     ``supports(x)`` says whether this implementation can run on ``x`` (device, dtype);
     ``poly_norm(x, weight, bias, eps)`` and ``poly_relu(x, weight, bias)`` compute the ops.
+    ``auto_dtypes`` (``None``: all) limits which dtypes ``impl="auto"`` sends here; an explicit
+    ``impl=name`` may still run any dtype ``supports`` accepts (e.g. float64 for gradcheck).
     """
 
     name: str
     supports: Callable[[torch.Tensor], bool]
     poly_norm: Callable[..., torch.Tensor]
     poly_relu: Callable[..., torch.Tensor]
+    auto_dtypes: tuple[torch.dtype, ...] | None = None
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -55,6 +58,33 @@ register_impl(
 )
 
 
+def _register_fused() -> None:
+    """The fused kernels (order 3): ``cpu`` (C++/OpenMP) then ``triton`` (GPU), both torch.library ops.
+
+    Nothing is compiled or imported here beyond op definitions: the CPU library is built/loaded on
+    the first ``supports`` call and triton is imported on first use. ``auto`` sends them the
+    training dtypes only; float64 (a checking dtype) stays on the reference, the specification.
+    """
+    from functools import partial
+
+    from polycom import kernels
+    from polycom.ops import cpu, library
+
+    for name, supports in (("cpu", cpu.supports), ("triton", kernels.supports)):
+        register_impl(
+            Implementation(
+                name=name,
+                supports=supports,
+                poly_norm=partial(library.poly_norm, name),
+                poly_relu=partial(library.poly_relu, name),
+                auto_dtypes=(torch.float32, torch.bfloat16, torch.float16),
+            )
+        )
+
+
+_register_fused()
+
+
 def available_impls() -> tuple[str, ...]:
     """Names accepted by ``impl=``: ``"auto"`` plus every registered implementation."""
     return ("auto", *IMPLEMENTATIONS)
@@ -64,7 +94,11 @@ def _pick(impl: str, x: torch.Tensor, order: int) -> Implementation:
     if impl == "auto":
         if order != 3:  # fast paths are specialised to the paper's order 3
             return IMPLEMENTATIONS["reference"]
-        fast = [i for i in IMPLEMENTATIONS.values() if i.name != "reference" and i.supports(x)]
+        fast = [
+            i
+            for i in IMPLEMENTATIONS.values()
+            if i.name != "reference" and (i.auto_dtypes is None or x.dtype in i.auto_dtypes) and i.supports(x)
+        ]
         return fast[0] if fast else IMPLEMENTATIONS["reference"]
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(available_impls())}")
