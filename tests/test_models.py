@@ -264,3 +264,13 @@ def test_bfloat16_forward_is_finite(moe):
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     assert torch.isfinite(out.aux_loss)
     assert model.generate(random_tokens(2, 4), 6).shape == (2, 10)  # the cache takes the model's dtype
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_autocast_forward_and_generation(moe):
+    model = tiny_model(moe=MOE if moe else None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(random_tokens(2, 8))
+        generated = model.generate(random_tokens(2, 4), 6)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert out.aux_loss.dtype == torch.float32 and generated.shape == (2, 10)

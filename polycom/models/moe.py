@@ -117,7 +117,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts)  # [E] group sizes
         y_sorted = self._run_experts(x[token_of], counts)  # [N*k, d]
         y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, y_sorted)  # sum over each token's k experts
+        out = y_sorted.new_zeros(x.shape).index_add_(0, token_of, y_sorted)  # sum each token's k experts
         return out.reshape(shape), losses
 
     def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
