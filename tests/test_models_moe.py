@@ -204,3 +204,15 @@ def test_router_runs_in_fp32_under_bf16(monkeypatch):
     y, losses = layer(torch.randn(2, 4, D, dtype=torch.bfloat16))
     assert seen == [(torch.float32, torch.float32)]  # the router is the layer's only F.linear
     assert y.dtype == torch.bfloat16 and losses.lb_loss.dtype == torch.float32
+
+
+def test_grouped_mm_follows_autocast_like_the_loop():
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available in this torch")
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(5))
+    outputs = {}
+    for impl in ("loop", "grouped_mm"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[impl], _ = make_moe("swiglu", 2, impl=impl)(x)
+    assert outputs["grouped_mm"].dtype == outputs["loop"].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs["grouped_mm"], outputs["loop"], rtol=2e-2, atol=1e-2)

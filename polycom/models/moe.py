@@ -64,9 +64,16 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on for ``x``'s device, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _grouped_mm_usable(x: torch.Tensor, *widths: int) -> bool:
     """Whether ``torch._grouped_mm`` has a fast kernel here: CUDA sm90+, bf16, 16-byte aligned rows."""
-    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and _compute_dtype(x) == torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(x.device) >= (9, 0) and all(w % 8 == 0 for w in widths)
 
@@ -153,7 +160,8 @@ class MoE(nn.Module):
 
     def _experts_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in two ``torch._grouped_mm`` calls (``offs`` = cumulative group ends)."""
+        dtype = _compute_dtype(x_sorted)  # autocast does not cover _grouped_mm: cast as it would
         offsets = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(x_sorted, self.w_up, offs=offsets)
+        h = torch._grouped_mm(x_sorted.to(dtype), self.w_up.to(dtype), offs=offsets)
         h = self._act(h, counts.tolist() if self.per_expert_act else None)
-        return torch._grouped_mm(h, self.w_down, offs=offsets)
+        return torch._grouped_mm(h.to(dtype), self.w_down.to(dtype), offs=offsets)
