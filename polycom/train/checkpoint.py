@@ -46,7 +46,7 @@ COMPLETE = "COMPLETE"
 FORMAT = "polycom-dcp-v1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 PAUSE_ENV = "POLYCOM_TEST_CHECKPOINT_PAUSE"
-"""Test hook: seconds to sleep after the state is written and before ``COMPLETE`` (kill tests)."""
+"""Test hook ``SECONDS[@STEP]``: sleep after the state is written and before ``COMPLETE`` (kill tests)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def save_checkpoint(
         meta = {"format": FORMAT, "step": step, "world_size": info.world_size, "parallel": info.parallel}
         atomic_write_text(tmp / "trainer.json", json.dumps({**trainer_state, **meta}, indent=1) + "\n")
         _fsync_tree(tmp)
-        _test_pause()
+        _test_pause(step)
         atomic_write_text(tmp / COMPLETE, json.dumps(meta) + "\n")
         if final.exists():  # re-saving a step (e.g. resumed exactly at the end): replace it whole
             doomed = final.with_name(f".tmp-delete-{final.name}")
@@ -236,11 +236,16 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _test_pause() -> None:
-    seconds = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if seconds > 0:
-        print(f"checkpoint: test pause {seconds}s before commit", file=sys.stderr, flush=True)
-        time.sleep(seconds)
+def _test_pause(step: int) -> None:
+    """``POLYCOM_TEST_CHECKPOINT_PAUSE=SECONDS[@STEP]``: sleep before the commit (of ``STEP`` only)."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    if not spec:
+        return
+    seconds, _, only_step = spec.partition("@")
+    if only_step and int(only_step) != step:
+        return
+    print(f"checkpoint: test pause {seconds}s before committing step {step}", file=sys.stderr, flush=True)
+    time.sleep(float(seconds))
 
 
 def load_checkpoint(

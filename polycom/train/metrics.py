@@ -79,6 +79,7 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        row = {k: _finite_or_none(v) for k, v in row.items()}  # strict JSON: NaN / inf become null
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -94,11 +95,23 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only rows with ``step <= last_step`` (on resume the killed run may have logged further)."""
+    """Keep only rows with ``step <= last_step``: on resume, the killed run may have logged further
+    (and its last line may be cut short by the kill)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= last_step:
+            kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
