@@ -155,7 +155,7 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and available()
 
 
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
+def rows_view(t: torch.Tensor) -> torch.Tensor:
     """``[..., d] -> [rows, d]`` without a copy when possible; the last dim made contiguous."""
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
     if t2.shape[-1] > 1 and t2.stride(-1) != 1:
@@ -163,7 +163,7 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def _row_stride(t2: torch.Tensor) -> int:
+def row_stride(t2: torch.Tensor) -> int:
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
@@ -191,7 +191,7 @@ def poly_norm_forward(
     """PolyNorm forward: ``x [..., d] -> (y [..., d] in x.dtype, rstd [rows, 3])``."""
     lib = _load()
     d = x.shape[-1]
-    x2 = _rows_view(x)
+    x2 = rows_view(x)
     rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype)
     rstd = torch.empty(rows, 3, dtype=_stats_dtype(x.dtype))
@@ -199,7 +199,7 @@ def poly_norm_forward(
         return y, rstd.fill_(float("nan") if d == 0 else 0.0)
     coef = _coefficients(weight, bias)
     code = lib.polycom_poly_norm_fwd(
-        _DTYPE_CODE[x.dtype], x2.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, d, _row_stride(x2),
+        _DTYPE_CODE[x.dtype], x2.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, d, row_stride(x2),
         coef.data_ptr(), float(eps), _threads(),
     )  # fmt: skip
     _check(code, "poly_norm_fwd")
@@ -216,7 +216,7 @@ def poly_norm_backward(
     """PolyNorm backward from ``x`` and ``rstd`` only: returns ``(dx, dweight [3], dbias [1])``."""
     lib = _load()
     d = x.shape[-1]
-    x2, g2 = _rows_view(x), _rows_view(dy.to(x.dtype))
+    x2, g2 = rows_view(x), rows_view(dy.to(x.dtype))
     rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype)
     out = torch.zeros(4, dtype=torch.float64)
@@ -224,7 +224,7 @@ def poly_norm_backward(
         partial = torch.empty(rows, 4, dtype=torch.float64)
         coef, rstd = _coefficients(weight, bias), rstd.contiguous()  # keep alive across the call
         code = lib.polycom_poly_norm_bwd(
-            _DTYPE_CODE[x.dtype], g2.data_ptr(), _row_stride(g2), x2.data_ptr(), _row_stride(x2),
+            _DTYPE_CODE[x.dtype], g2.data_ptr(), row_stride(g2), x2.data_ptr(), row_stride(x2),
             dx.data_ptr(), rstd.data_ptr(), rows, d, coef.data_ptr(), partial.data_ptr(), out.data_ptr(),
             _threads(),
         )  # fmt: skip
@@ -235,12 +235,12 @@ def poly_norm_backward(
 def poly_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """PolyReLU forward: ``x [..., d] -> y [..., d]`` in x.dtype."""
     lib = _load()
-    x2 = _rows_view(x)
+    x2 = rows_view(x)
     y = torch.empty(x.shape, dtype=x.dtype)
     if x2.numel() > 0:
         coef = _coefficients(weight, bias)  # a named tensor: its memory must outlive the call
         code = lib.polycom_poly_relu_fwd(
-            _DTYPE_CODE[x.dtype], x2.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], _row_stride(x2),
+            _DTYPE_CODE[x.dtype], x2.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], row_stride(x2),
             coef.data_ptr(), _threads(),
         )  # fmt: skip
         _check(code, "poly_relu_fwd")
@@ -252,7 +252,7 @@ def poly_relu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PolyReLU backward from ``x`` only: returns ``(dx, dweight [3], dbias [1])``."""
     lib = _load()
-    x2, g2 = _rows_view(x), _rows_view(dy.to(x.dtype))
+    x2, g2 = rows_view(x), rows_view(dy.to(x.dtype))
     dx = torch.empty(x.shape, dtype=x.dtype)
     out = torch.zeros(4, dtype=torch.float64)
     if x2.numel() > 0:
@@ -260,7 +260,7 @@ def poly_relu_backward(
         partial = torch.empty(rows, 4, dtype=torch.float64)
         coef = _coefficients(weight, bias)
         code = lib.polycom_poly_relu_bwd(
-            _DTYPE_CODE[x.dtype], g2.data_ptr(), _row_stride(g2), x2.data_ptr(), _row_stride(x2),
+            _DTYPE_CODE[x.dtype], g2.data_ptr(), row_stride(g2), x2.data_ptr(), row_stride(x2),
             dx.data_ptr(), rows, d, coef.data_ptr(), partial.data_ptr(),
             out.data_ptr(), _threads(),
         )  # fmt: skip
