@@ -28,11 +28,21 @@ OUTPUT_PROJECTIONS = ("attn.o_proj.weight", "mlp.down_proj.weight", "mlp.w_down"
 
 @dataclass
 class ModelOutput:
-    """``logits [B, T, V]``; ``aux_loss``: weighted MoE losses (0-d; 0 for dense); ``metrics``: unweighted."""
+    """What the model returns for ``tokens [B, T]``.
+
+    ``logits [B, T, V]``; ``aux_loss``: 0-d tensor, the weighted MoE losses to add to the training
+    loss (0 for dense models); ``metrics``: the unweighted ``{"lb_loss", "z_loss"}`` as floats (empty
+    for dense). The metrics are kept as detached tensors and turned into floats only when read, so
+    the forward pass never waits for the device (and ``torch.compile`` sees no ``.item()``).
+    """
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metric_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.metric_tensors.items()}
 
 
 class Block(nn.Module):
@@ -143,7 +153,7 @@ class Transformer(nn.Module):
         z = torch.stack([r.z_loss for r in router_losses]).mean()
         moe = self.config.moe
         aux = moe.lb_loss_weight * lb + moe.z_loss_weight * z
-        return ModelOutput(logits, aux, {"lb_loss": lb.item(), "z_loss": z.item()})
+        return ModelOutput(logits, aux, {"lb_loss": lb.detach(), "z_loss": z.detach()})
 
     # ----------------------------------------------------------------------------- generation
     def generate(
