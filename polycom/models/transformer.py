@@ -131,8 +131,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += tokens.shape[1]
         x = self.norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(x, head)
+        logits = nn.functional.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return self._output(logits, router_losses)
 
     def _check_tokens(self, tokens: torch.Tensor, past: int) -> None:
