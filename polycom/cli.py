@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "train": "polycom.commands.train",
     "prepare": "polycom.commands.prepare",
     "presets": "polycom.commands.presets",
+    "bench": "polycom.commands.bench",
 }
 
 
