@@ -6,14 +6,15 @@
 //
 // Coefficients arrive as float64 [w0, w1, w2, b]; w0 pairs with the cubic term (official layout).
 // Math runs in float for fp32/fp16/bf16 inputs and in double for fp64; row reductions sum
-// blocks of BLOCK elements in the compute type (vectorised) and add block sums in double.
+// blocks of BLOCK elements in the compute type (vectorised) and add block sums in double;
+// results are rounded once to the input type (round to nearest even).
 //
 // PolyNorm, per row (u_p = x^p, r_p = 1/sqrt(mean(u_p^2) + eps), a_p = w_p r_p):
 //   y  = a3 x^3 + a2 x^2 + a1 x + b                                       (Horner form)
 //   dx = dy (3 a3 x^2 + 2 a2 x + a1) - x (k5 x^4 + k3 x^2 + k1),  k_(2p-1) = p w_p r_p^3 S_p / d
 //   S_p = sum_i dy_i x_i^p;   dw_p = r_p S_p;   db = sum_i dy_i
-// PolyReLU (z = relu(x)): y = w0 z^3 + w1 z^2 + w2 z + b (in the official op order);  dx = dy (3 w0 z^2 + 2 w1 z + w2) [x > 0]
-//   dw_p = sum dy z^p;  db = sum dy.
+// PolyReLU (z = relu(x)): y = w0 z^3 + w1 z^2 + w2 z + b (in the official op order);
+//   dx = dy (3 w0 z^2 + 2 w1 z + w2) [x > 0];  dw_p = sum dy z^p;  db = sum dy.
 // Backward writes per-row partial sums of dW/dB and adds them up in row order on one thread,
 // so gradients are bit-identical whatever the thread count.
 
@@ -31,24 +32,6 @@ constexpr int64_t BLOCK = 256;
 struct BF16 {
   uint16_t bits;
 };
-
-// ---- loads (to compute type) and stores (round to nearest even) ------------------------
-inline float load(float v) { return v; }
-inline double load(double v) { return v; }
-inline float load(_Float16 v) { return static_cast<float>(v); }
-inline float load(BF16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v.bits) << 16); }
-
-template <typename T, typename C>
-inline T store(C v) {
-  return static_cast<T>(v);
-}
-template <>
-inline BF16 store<BF16, float>(float v) {
-  uint32_t u = __builtin_bit_cast(uint32_t, v);
-  bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return BF16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
-}
 
 template <typename T>
 struct ComputeOf {
