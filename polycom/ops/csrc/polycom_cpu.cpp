@@ -84,47 +84,6 @@ inline f32x8 loadv(const BF16* p) {
   return v;
 }
 
-// sums[k] = sum over i < d of terms(a[i], b[i])[k], for k < K. Each BLOCK of elements is
-// summed in the compute type over U independent vector accumulators (so no single add chain
-// limits throughput), then added in double. The ragged tail is zero-padded: every term vanishes
-// at a = b = 0. terms(va, vb, t) fills t[0..K) with vectors.
-template <typename T, int K, typename Terms>
-inline void row_sums(int64_t d, const T* a, const T* b, Terms terms, double* sums) {
-  using C = typename ComputeOf<T>::type;
-  using V = typename VecOf<C>::type;
-  constexpr int W = VecOf<C>::W;
-  constexpr int U = 4;
-  for (int k = 0; k < K; ++k) sums[k] = 0;
-  for (int64_t start = 0; start < d; start += BLOCK) {
-    const int64_t end = std::min(start + BLOCK, d);
-    V acc[K][U] = {};
-    int64_t i = start;
-    for (; i + U * W <= end; i += U * W) {
-      for (int u = 0; u < U; ++u) {
-        V t[K];
-        terms(loadv(a + i + u * W), loadv(b + i + u * W), t);
-        for (int k = 0; k < K; ++k) acc[k][u] += t[k];
-      }
-    }
-    for (; i < end; i += W) {
-      T pa[W] = {}, pb[W] = {};
-      for (int j = 0; j < W && i + j < end; ++j) {
-        pa[j] = a[i + j];
-        pb[j] = b[i + j];
-      }
-      V t[K];
-      terms(loadv(pa), loadv(pb), t);
-      for (int k = 0; k < K; ++k) acc[k][0] += t[k];
-    }
-    for (int k = 0; k < K; ++k) {
-      const V v = (acc[k][0] + acc[k][1]) + (acc[k][2] + acc[k][3]);
-      C block = 0;
-      for (int j = 0; j < W; ++j) block += v[j];
-      sums[k] += block;
-    }
-  }
-}
-
 // ---- vector stores, rounding to T ----------------------------------------------------------
 // Ordinary stores on purpose: outputs are freshly allocated, and the kernel's page-fault zeroing
 // has just put each destination page in cache. Streaming (non-temporal) stores measured 1.3-1.5x
@@ -143,6 +102,52 @@ inline void storev(BF16* p, f32x8 v) {
   const u32x8 quiet = (bits >> 16) | 0x40u;
   const u16x8 h = __builtin_convertvector((nan & quiet) | (~nan & rounded), u16x8);
   std::memcpy(p, &h, sizeof h);
+}
+
+// sums[k] = sum over i < d of terms(a[i], b[i])[k], for k < K. Each BLOCK of elements is
+// summed in the compute type over U independent vector accumulators (so no single add chain
+// limits throughput), then added in double. The ragged tail is zero-padded: every term vanishes
+// at a = b = 0. terms(va, vb, t) fills t[0..K) with vectors and returns an output vector, which
+// is stored to out[i] when out is not null (one pass for reductions and an element-wise result).
+template <typename T, int K, typename Terms>
+inline void row_sums(int64_t d, const T* a, const T* b, Terms terms, double* sums, T* out = nullptr) {
+  using C = typename ComputeOf<T>::type;
+  using V = typename VecOf<C>::type;
+  constexpr int W = VecOf<C>::W;
+  constexpr int U = 4;
+  for (int k = 0; k < K; ++k) sums[k] = 0;
+  for (int64_t start = 0; start < d; start += BLOCK) {
+    const int64_t end = std::min(start + BLOCK, d);
+    V acc[K][U] = {};
+    int64_t i = start;
+    for (; i + U * W <= end; i += U * W) {
+      for (int u = 0; u < U; ++u) {
+        V t[K];
+        const V o = terms(loadv(a + i + u * W), loadv(b + i + u * W), t);
+        if (out) storev(out + i + u * W, o);
+        for (int k = 0; k < K; ++k) acc[k][u] += t[k];
+      }
+    }
+    for (; i < end; i += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, end - i));
+      T pa[W] = {}, pb[W] = {}, po[W];
+      for (int j = 0; j < n; ++j) {
+        pa[j] = a[i + j];
+        pb[j] = b[i + j];
+      }
+      V t[K];
+      storev(po, terms(loadv(pa), loadv(pb), t));
+      if (out)
+        for (int j = 0; j < n; ++j) out[i + j] = po[j];
+      for (int k = 0; k < K; ++k) acc[k][0] += t[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      const V v = (acc[k][0] + acc[k][1]) + (acc[k][2] + acc[k][3]);
+      C block = 0;
+      for (int j = 0; j < W; ++j) block += v[j];
+      sums[k] += block;
+    }
+  }
 }
 
 // out[i] = fn(a[i], b[i]) over one row, W lanes at a time; the ragged tail goes through a
@@ -175,6 +180,7 @@ void poly_norm_fwd_row(const T* x, T* y, C* rstd, int64_t d, const double* coef,
         t[0] = v2;
         t[1] = v2 * v2;
         t[2] = t[1] * v2;
+        return v;  // no element-wise output in this pass
       },
       s);
   const double s2 = s[0], s4 = s[1], s6 = s[2];
@@ -200,6 +206,7 @@ void poly_norm_bwd_row(const T* dy, const T* x, T* dx, const C* rstd, int64_t d,
         t[1] = g * v;
         t[2] = t[1] * v;
         t[3] = t[2] * v;
+        return v;  // no element-wise output in this pass
       },
       s);
   const double s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
@@ -239,23 +246,20 @@ template <typename T, typename C>
 void poly_relu_bwd_row(const T* dy, const T* x, T* dx, int64_t d, const double* coef, double* partial) {
   const C c2 = static_cast<C>(3.0 * coef[0]), c1 = static_cast<C>(2.0 * coef[1]);
   const C c0 = static_cast<C>(coef[2]);
-  double s[4];  // sum dy, dy z, dy z^2, dy z^3
+  double s[4];  // sum dy, dy z, dy z^2, dy z^3; dx written in the same pass
   row_sums<T, 4>(
       d, dy, x,
-      [](auto g, auto v, auto* t) {
+      [=](auto g, auto v, auto* t) {
         const auto z = v <= 0 ? 0 : v;  // keeps NaN, like torch.relu
         t[0] = g;
         t[1] = g * z;
         t[2] = t[1] * z;
         t[3] = t[2] * z;
+        // torch's relu backward passes the gradient unless x <= 0 (so NaN inputs give NaN)
+        return v <= 0 ? 0 : g * ((c2 * z + c1) * z + c0);
       },
-      s);
+      s, dx);
   const double s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
-  // torch's relu backward passes the gradient unless x <= 0 (so NaN inputs give NaN).
-  row_map(d, dy, x, dx, [=](auto g, auto v) {
-    const auto z = v <= 0 ? 0 : v;
-    return v <= 0 ? 0 : g * ((c2 * z + c1) * z + c0);
-  });
   partial[0] = s3;
   partial[1] = s2;
   partial[2] = s1;
