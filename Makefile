@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m polycom.ops.cpu --build
+	$(PY) -m polycom.ops.cpu_build
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -239,3 +239,13 @@ def _opcheck_args(name):
 def test_poly_relu_is_bit_identical_to_the_reference(dtype):
     x = make((7, 333), dtype)
     assert torch.equal(functional.poly_relu(x, W, B, impl="cpu"), reference.poly_relu(x, W, B))
+
+
+def test_install_step_reports_a_missing_compiler_without_failing(monkeypatch, tmp_path, capsys):
+    from polycom.ops import cpu_build
+
+    monkeypatch.setenv("POLYCOM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert cpu_build.main([]) == 0
+    assert "not built" in capsys.readouterr().err
+    assert cpu_build.main(["--bogus"]) == 2

@@ -6,7 +6,7 @@ takes 30-60 s to compile (the torch headers), and numba adds a dependency and JI
 process. ``csrc/polycom_cpu.cpp`` includes no torch headers, so ``g++ -O3 -march=native
 -fopenmp`` builds it in about a second; the shared library is cached (keyed by source, flags and
 CPU) and later processes only ``dlopen`` it (milliseconds). ``make install`` builds it ahead of
-time (``python -m polycom.ops.cpu --build``). If it cannot be built, :func:`available` is False,
+time (``python -m polycom.ops.cpu_build``). If it cannot be built, :func:`available` is False,
 a warning says why (once) and ``impl="auto"`` runs the reference.
 
 Tensors here are 2-D views ``[rows, d]`` (rows may be strided, the last dim contiguous).
@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -99,7 +98,10 @@ def build_library(force: bool = False) -> Path:
     os.close(fd)
     try:
         cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as err:  # the compiler itself cannot be run
+            raise RuntimeError(f"cannot run {compiler!r}: {err}") from err
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)
@@ -266,24 +268,3 @@ def poly_relu_backward(
         )  # fmt: skip
         _check(code, "poly_relu_bwd")
     return (dx, *_grad_outputs(weight, bias, out))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m polycom.ops.cpu --build``: compile the kernels into the cache (install step)."""
-    args = sys.argv[1:] if argv is None else argv
-    if args not in (["--build"], ["--build", "--force"]):
-        print("usage: python -m polycom.ops.cpu --build [--force]", file=sys.stderr)
-        return 2
-    try:
-        path = build_library(force="--force" in args)
-    except RuntimeError as err:  # not fatal: the reference ops still work
-        print(
-            f"polycom: fused CPU kernels not built ({err}); the reference ops will be used", file=sys.stderr
-        )
-        return 0
-    print(f"polycom: fused CPU kernels at {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
