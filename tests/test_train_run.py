@@ -199,6 +199,10 @@ def test_bad_input_gets_one_line_errors(train_data, tmp_path, capsys):
     err = error_of("--data", str(train_data), "--model.vocab_size", "100")
     assert "model.vocab_size=100 is smaller than the tokenizer's vocabulary (512)" in err
     assert not (tmp_path / "never" / "checkpoints").exists()
+    (tmp_path / "old" / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "step_00000003" / ckpt.COMPLETE).write_text("{}")
+    err = error_of("--data", str(train_data), "--out", str(tmp_path / "old"))
+    assert "already holds checkpoints (latest step_00000003); pass --resume auto" in err
 
 
 def test_vocab_too_large_for_uint16_shards(tmp_path, capsys):

@@ -71,6 +71,28 @@ def default_out_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.preset}-{config.model.activation}-s{config.run.seed}"
 
 
+def resolve_out_dir(config: TrainConfig, resume: str | None) -> Path:
+    """``run.out``, else the folder of the checkpoint being resumed, else ``runs/<preset>-<act>-s<seed>``.
+
+    Starting from scratch in a folder that already holds checkpoints is refused: a later
+    ``--resume auto`` could otherwise mix the two runs.
+    """
+    if config.run.out:
+        out_dir = Path(config.run.out)
+    elif resume not in (None, "auto", "latest"):
+        found = ckpt.find_checkpoint(resume, Path("."))
+        out_dir = found.parent.parent
+    else:
+        out_dir = default_out_dir(config)
+    existing = ckpt.complete_checkpoints(out_dir / "checkpoints")
+    if resume is None and existing:
+        raise ValueError(
+            f"{out_dir} already holds checkpoints (latest {existing[-1].name}); pass --resume auto to "
+            "continue that run, or choose another --out"
+        )
+    return out_dir
+
+
 def prepare_run_data(config: TrainConfig, info: DistInfo) -> Path:
     """The prepared shard directory for ``config.data`` (rank 0 prepares; the others wait and reuse)."""
     from polycom.data import prepare_data, read_index
@@ -288,7 +310,10 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     """Run (or continue, with ``resume`` = a path or ``"auto"``) the training described by ``config``."""
     info = init_distributed(config.run.parallel)
     try:
-        return _train(config, resume, info)
+        result = _train(config, resume, info)
+        # Leave together: a rank that tears gloo down while another still talks to it can abort.
+        barrier()
+        return result
     finally:
         shutdown_distributed()
 
@@ -297,9 +322,10 @@ def _train(config: TrainConfig, resume: str | None, info: DistInfo) -> TrainResu
     from polycom.data import TokenShards, WindowLoader, unigram_entropy
 
     started = time.perf_counter()
-    out_dir = Path(config.run.out) if config.run.out else default_out_dir(config)
+    out_dir = resolve_out_dir(config, resume)
     config.run.out = str(out_dir)
     data_dir = prepare_run_data(config, info)
+    data_seconds = time.perf_counter() - started
     train_shards = TokenShards(data_dir, "train")
     resolve_model_and_seq_len(config, train_shards.vocab_size)
     micro = per_rank_micro_batch(config, info.world_size)
@@ -341,6 +367,7 @@ def _train(config: TrainConfig, resume: str | None, info: DistInfo) -> TrainResu
     tokens_per_step = config.data.batch_size * config.data.seq_len
     if info.is_main:
         _say(info, _header(config, model, info, data_dir, steps, start, baseline, peak_note))
+        _say(info, f"data ready in {data_seconds:.1f}s; setup done in {time.perf_counter() - started:.1f}s")
 
     progress = Progress(steps, start, config.run.log_every, config.run.progress and info.is_main)
     last_row: dict[str, Any] = {}
