@@ -260,3 +260,23 @@ def test_nonfinite_loss_skips_the_step_or_stops(policy, train_data, tmp_path, mo
         assert all(r.get("anomaly") is None for r in rows[3:]) and rows[-1]["loss"] < rows[0]["loss"]
     else:
         assert len(rows) == 3 and len(optimizer_steps) == 2 and ckpt.find_checkpoint("auto", tmp_path) is None
+
+
+def test_gradient_accumulation_matches_one_big_batch(train_data, tmp_path):
+    curves = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for accum in (1, 4):
+            settings = {"data.source": str(train_data), "run.out": str(tmp_path / f"accum{accum}"),
+                        "run.max_steps": "4", "data.seq_len": "32", "data.batch_size": "8",
+                        "data.grad_accum": str(accum), "run.eval_batches": "1",
+                        "run.progress": "false"}  # fmt: skip
+            loop.train(build_config("tiny", list(settings.items())))
+            curves[accum] = losses(tmp_path / f"accum{accum}")
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_curves(curves[4], curves[1], range(1, 5))
+    bad = [("data.source", str(train_data)), ("data.grad_accum", "3"), ("run.out", str(tmp_path / "bad"))]
+    with pytest.raises(ValueError, match="batch_size=16 is not divisible by world_size x grad_accum = 1 x 3"):
+        loop.train(build_config("tiny", bad))

@@ -299,7 +299,7 @@ def _resume(
     if diffs:
         raise ValueError(f"--resume {path}: the checkpoint's model differs: {'; '.join(diffs)}")
     for line in describe_differences(saved["config"], config.to_dict()):
-        if not line.startswith(("run.", "model.")):
+        if not line.startswith(("run.out:", "model.")):
             _say(info, f"resume: setting changed since the checkpoint: {line}")
     state = ckpt.load_checkpoint(Path(path), model, optimizer, info)
     _say(info, f"resume: loaded {path} (step {state['step']}, saved by {state['world_size']} process(es))")
@@ -372,7 +372,6 @@ def _train(config: TrainConfig, resume: str | None, info: DistInfo) -> TrainResu
     progress = Progress(steps, start, config.run.log_every, config.run.progress and info.is_main)
     last_row: dict[str, Any] = {}
     last_val: float | None = None
-    saved_step = start if state is not None else -1
     for step in range(start, steps):
         t0 = time.perf_counter()
         lr = schedule(step)
@@ -428,9 +427,8 @@ def _train(config: TrainConfig, resume: str | None, info: DistInfo) -> TrainResu
                 "data_fingerprint": train_shards.fingerprint,
             }
             ckpt.save_checkpoint(out_dir, done, model, optimizer, trainer_state, info, config.run.keep_last)
-            saved_step = done
     metrics.close()
-    if saved_step != steps:  # resumed at the very end: nothing ran, still leave the usual outputs
+    if last_val is None:  # resumed at (or past) the end: nothing ran, still report the model
         last_val = evaluate(forward, val_windows, config, info)
     ckpt.export_safetensors(
         model, out_dir / "model.safetensors", info, {"config": json.dumps(config.model.to_dict())}
