@@ -171,6 +171,13 @@ def test_torchrun_two_ranks_match_one_process_and_resume_elsewhere(parallel, tra
     single = tmp_path / "resumed-on-1"
     run_train(train_data, single, "--resume", str(step15))
     assert_close_curves(losses(single), expected, range(16, STEPS + 1))
+    # the consolidated export of the sharded model has the single-process names, shapes and values
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(out / "model.safetensors"), load_file(reference("tiny") / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(mine[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
     if parallel == "fsdp":  # and a 1-process checkpoint continues on 2 FSDP ranks
         double = tmp_path / "resumed-on-2"
         resume = reference("tiny") / "checkpoints" / "step_00000015"
@@ -222,14 +229,20 @@ def test_vocab_too_large_for_uint16_shards(tmp_path, capsys):
     assert "too large for uint16 shards" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nonfinite_loss_skips_the_step_or_stops(policy, train_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "policy, bad_step, factor, steps",
+    [("skip", 3, float("nan"), 5), ("stop", 3, float("nan"), 5), ("spike-skip", 14, 10.0, 16)],
+)
+def test_anomalous_loss_skips_the_step_or_stops(
+    policy, bad_step, factor, steps, train_data, tmp_path, monkeypatch
+):
+    """A NaN loss (``run.on_nonfinite``) or a 10x loss spike (``run.on_spike``) at step ``bad_step``."""
     real_loss, calls, optimizer_steps = loop.language_model_loss, [], []
 
-    def loss_nan_on_third_call(logits, targets):
+    def bad_loss_once(logits, targets):
         calls.append(1)
         loss = real_loss(logits, targets)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * factor if len(calls) == bad_step else loss
 
     real_step = torch.optim.AdamW.step
 
@@ -237,16 +250,20 @@ def test_nonfinite_loss_skips_the_step_or_stops(policy, train_data, tmp_path, mo
         optimizer_steps.append(1)
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "language_model_loss", loss_nan_on_third_call)
+    monkeypatch.setattr(loop, "language_model_loss", bad_loss_once)
     monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
-    settings = {"data.source": str(train_data), "run.out": str(tmp_path), "run.max_steps": "5",
+    settings = {"data.source": str(train_data), "run.out": str(tmp_path), "run.max_steps": str(steps),
                 "data.seq_len": "32", "data.batch_size": "4", "run.eval_batches": "1",
-                "run.on_nonfinite": policy, "run.progress": "false"}  # fmt: skip
+                "run.progress": "false"}  # fmt: skip
+    if policy == "spike-skip":
+        settings["run.on_spike"] = "skip"
+    else:
+        settings["run.on_nonfinite"] = policy
     config = build_config("tiny", list(settings.items()))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if policy == "skip":
+        if policy != "stop":
             loop.train(config)
         else:
             with pytest.raises(TrainingStopped, match="stopped at step 3: nonfinite-stop"):
@@ -254,6 +271,10 @@ def test_nonfinite_loss_skips_the_step_or_stops(policy, train_data, tmp_path, mo
     finally:
         torch.set_num_threads(threads)
     rows = read_metrics(tmp_path / "metrics.jsonl")
+    if policy == "spike-skip":  # 13 accepted losses before it, so the detector is armed
+        assert rows[bad_step - 1]["anomaly"] == "spike-skip" and len(optimizer_steps) == steps - 1
+        assert [r.get("anomaly") for r in rows].count("spike-skip") == 1
+        return
     assert rows[2]["anomaly"] == f"nonfinite-{policy}" and rows[2]["loss"] is None
     if policy == "skip":
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and len(optimizer_steps) == 4
