@@ -58,7 +58,7 @@ def split_dotted(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--preset", default="tiny", help="model preset (default tiny; see --dry-run)")
+    parser.add_argument("--preset", default="tiny", help="model preset (default tiny; see `polycom presets`)")
     parser.add_argument("--activation", help="MLP activation, e.g. polynorm, polyrelu, swiglu, gelu")
     parser.add_argument("--out", help="run folder (default runs/<preset>-<activation>-s<seed>)")
     parser.add_argument("--seed", help="random seed for init and data order (default 0)")
