@@ -4,6 +4,8 @@
 whichever is chosen, up to floating-point rounding:
 
 * ``"reference"`` — plain PyTorch (:mod:`polycom.ops.reference`), the specification;
+* ``"cpu"`` — fused C++/OpenMP kernels (:mod:`polycom.ops.cpu`), order 3, CPU tensors;
+* ``"triton"`` — fused Triton kernels (:mod:`polycom.kernels`), order 3, CUDA tensors;
 * ``"auto"`` — the fastest implementation available for the input's device and dtype.
 
 Fast implementations register themselves in :data:`IMPLEMENTATIONS` (see ``register_impl``);
