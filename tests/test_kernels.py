@@ -249,3 +249,17 @@ def test_install_step_reports_a_missing_compiler_without_failing(monkeypatch, tm
     assert cpu_build.main([]) == 0
     assert "not built" in capsys.readouterr().err
     assert cpu_build.main(["--bogus"]) == 2
+
+
+@pytest.mark.parametrize("numel", [7, (16 << 20) // 4 + 3])  # below and above the huge-page threshold
+def test_empty_output_is_an_ordinary_tensor(numel):
+    """Large fused outputs come from a 2 MiB-aligned buffer; they must behave like torch.empty."""
+    shape = torch.Size([numel])
+    y = cpu.empty_output(shape, torch.float32)
+    assert y.shape == shape and y.dtype == torch.float32 and y.is_contiguous()
+    y.fill_(1.5)
+    assert float(y.sum()) == 1.5 * numel
+    z = cpu.empty_output(shape, torch.float32).zero_()
+    assert float(z.sum()) == 0.0 and float(y[-1]) == 1.5  # separate memory
+    if numel * 4 >= 16 << 20 and cpu._madvise is not None:
+        assert y.data_ptr() % (2 << 20) == 0

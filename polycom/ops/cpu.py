@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -51,6 +52,43 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failure: str | None = None
+
+
+# ---- output allocation -------------------------------------------------------------------
+# A fresh multi-MB tensor costs one page fault per 4 KiB page on first write; on a 2-core machine
+# that is ~60% of a memory-bound kernel's time ([8192 x 8256] fp32: 37 of 59 ms of a clone).
+# Where transparent huge pages are on in "madvise" mode (common Linux default), asking for them
+# on the output cuts the faults 512-fold. Outputs are ordinary tensors: a 2 MiB-aligned view of a
+# slightly larger (by < 2 MiB) byte buffer. Set POLYCOM_CPU_HUGEPAGES=0 to use torch.empty.
+_HUGEPAGE = 2 << 20
+_HUGEPAGE_MIN_BYTES = 16 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _load_madvise():
+    if sys.platform != "linux" or os.environ.get("POLYCOM_CPU_HUGEPAGES", "1") == "0":
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _load_madvise()
+
+
+def empty_output(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)``, backed by huge pages when large (see above)."""
+    nbytes = shape.numel() * dtype.itemsize
+    if _madvise is None or nbytes < _HUGEPAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    buffer = torch.empty(nbytes + _HUGEPAGE, dtype=torch.uint8)
+    offset = -buffer.data_ptr() % _HUGEPAGE
+    _madvise(buffer.data_ptr() + offset, nbytes - nbytes % _HUGEPAGE, _MADV_HUGEPAGE)  # advice only
+    return buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
 def _compiler() -> str | None:
@@ -195,7 +233,7 @@ def poly_norm_forward(
     d = x.shape[-1]
     x2 = rows_view(x)
     rows = x2.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = empty_output(x.shape, x.dtype)
     rstd = torch.empty(rows, 3, dtype=_stats_dtype(x.dtype))
     if rows == 0 or d == 0:
         return y, rstd.fill_(float("nan") if d == 0 else 0.0)
@@ -220,7 +258,7 @@ def poly_norm_backward(
     d = x.shape[-1]
     x2, g2 = rows_view(x), rows_view(dy.to(x.dtype))
     rows = x2.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype)
+    dx = empty_output(x.shape, x.dtype)
     out = torch.zeros(4, dtype=torch.float64)
     if rows > 0 and d > 0:
         partial = torch.empty(rows, 4, dtype=torch.float64)
@@ -238,7 +276,7 @@ def poly_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     """PolyReLU forward: ``x [..., d] -> y [..., d]`` in x.dtype."""
     lib = _load()
     x2 = rows_view(x)
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = empty_output(x.shape, x.dtype)
     if x2.numel() > 0:
         coef = _coefficients(weight, bias)  # a named tensor: its memory must outlive the call
         code = lib.polycom_poly_relu_fwd(
@@ -255,7 +293,7 @@ def poly_relu_backward(
     """PolyReLU backward from ``x`` only: returns ``(dx, dweight [3], dbias [1])``."""
     lib = _load()
     x2, g2 = rows_view(x), rows_view(dy.to(x.dtype))
-    dx = torch.empty(x.shape, dtype=x.dtype)
+    dx = empty_output(x.shape, x.dtype)
     out = torch.zeros(4, dtype=torch.float64)
     if x2.numel() > 0:
         rows, d = x2.shape

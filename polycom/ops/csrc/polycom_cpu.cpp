@@ -170,29 +170,45 @@ inline void row_map(int64_t d, const T* a, const T* b, T* out, Fn fn) {
 }
 
 // ---- PolyNorm ----------------------------------------------------------------------------
+// Forward over the rows [r0, r1) of one thread, software-pipelined: the loop that sums row
+// r+1's powers also writes row r's output from x_r, which is still in L1/L2. A plain two-pass
+// row (sum, then write) alternates a read-only phase with a write phase; overlapping them keeps
+// the read and the write stream in flight together, as in a copy. Same sums, same bits.
 template <typename T, typename C>
-void poly_norm_fwd_row(const T* x, T* y, C* rstd, int64_t d, const double* coef, double eps) {
-  double s[3];  // sum x^2, x^4, x^6
-  row_sums<T, 3>(
-      d, x, x,
-      [](auto v, auto, auto* t) {
-        const auto v2 = v * v;
-        t[0] = v2;
-        t[1] = v2 * v2;
-        t[2] = t[1] * v2;
-        return v;  // no element-wise output in this pass
-      },
-      s);
-  const double s2 = s[0], s4 = s[1], s6 = s[2];
-  const C r3 = static_cast<C>(1.0 / std::sqrt(s6 / d + eps));
-  const C r2 = static_cast<C>(1.0 / std::sqrt(s4 / d + eps));
-  const C r1 = static_cast<C>(1.0 / std::sqrt(s2 / d + eps));
-  rstd[0] = r3;
-  rstd[1] = r2;
-  rstd[2] = r1;
-  const C a3 = static_cast<C>(coef[0]) * r3, a2 = static_cast<C>(coef[1]) * r2;
-  const C a1 = static_cast<C>(coef[2]) * r1, b = static_cast<C>(coef[3]);
-  row_map(d, x, x, y, [=](auto v, auto) { return ((a3 * v + a2) * v + a1) * v + b; });
+void poly_norm_fwd_rows(const T* x, int64_t x_stride, T* y, C* rstd, int64_t r0, int64_t r1, int64_t d,
+                        const double* coef, double eps) {
+  if (r0 >= r1) return;
+  auto even_powers = [](auto v, auto* t) {  // x^2, x^4, x^6
+    const auto v2 = v * v;
+    t[0] = v2;
+    t[1] = v2 * v2;
+    t[2] = t[1] * v2;
+  };
+  double s[3];  // sum x^2, x^4, x^6 of the row being summed
+  row_sums<T, 3>(d, x + r0 * x_stride, x + r0 * x_stride, [=](auto v, auto, auto* t) {
+    even_powers(v, t);
+    return v;  // no element-wise output for the first row's sums
+  }, s);
+  for (int64_t r = r0; r < r1; ++r) {
+    const C r3 = static_cast<C>(1.0 / std::sqrt(s[2] / d + eps));
+    const C r2 = static_cast<C>(1.0 / std::sqrt(s[1] / d + eps));
+    const C r1_ = static_cast<C>(1.0 / std::sqrt(s[0] / d + eps));
+    rstd[3 * r] = r3;
+    rstd[3 * r + 1] = r2;
+    rstd[3 * r + 2] = r1_;
+    const C a3 = static_cast<C>(coef[0]) * r3, a2 = static_cast<C>(coef[1]) * r2;
+    const C a1 = static_cast<C>(coef[2]) * r1_, b = static_cast<C>(coef[3]);
+    auto output = [=](auto v) { return ((a3 * v + a2) * v + a1) * v + b; };
+    const T* xr = x + r * x_stride;
+    if (r + 1 < r1) {  // sum row r+1 and write row r in one pass
+      row_sums<T, 3>(d, x + (r + 1) * x_stride, xr, [=](auto next, auto cur, auto* t) {
+        even_powers(next, t);
+        return output(cur);
+      }, s, y + r * d);
+    } else {
+      row_map(d, xr, xr, y + r * d, [=](auto v, auto) { return output(v); });
+    }
+  }
 }
 
 template <typename T, typename C>
@@ -275,6 +291,15 @@ void sum_partials(const double* partial, int64_t rows, double* out) {
 }
 
 // ---- row loops ---------------------------------------------------------------------------
+// Contiguous row ranges per thread (what schedule(static) would give), so each thread can
+// pipeline its rows.
+inline void thread_rows(int64_t rows, int64_t* r0, int64_t* r1) {
+  const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t per = rows / nt, extra = rows % nt;
+  *r0 = tid * per + std::min(tid, extra);
+  *r1 = *r0 + per + (tid < extra ? 1 : 0);
+}
+
 template <typename T>
 void poly_norm_fwd(const void* x, void* y, void* rstd, int64_t rows, int64_t d, int64_t x_stride,
                    const double* coef, double eps, int threads) {
@@ -282,8 +307,12 @@ void poly_norm_fwd(const void* x, void* y, void* rstd, int64_t rows, int64_t d, 
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
   C* rp = static_cast<C*>(rstd);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < rows; ++r) poly_norm_fwd_row<T, C>(xp + r * x_stride, yp + r * d, rp + 3 * r, d, coef, eps);
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t r0, r1;
+    thread_rows(rows, &r0, &r1);
+    poly_norm_fwd_rows<T, C>(xp, x_stride, yp, rp, r0, r1, d, coef, eps);
+  }
 }
 
 template <typename T>
