@@ -204,10 +204,10 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 
 
 def test_build_writes_library_atomically(monkeypatch, tmp_path):
-    monkeypatch.setenv("POLYCOM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("POLYCOM_CACHE", str(tmp_path))
     path = cpu.build_library()
-    assert path.parent == tmp_path and path.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    assert path.parent == tmp_path / "kernels" and path.exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
 
 
 def test_ops_are_registered_with_fake_impls():
@@ -244,7 +244,7 @@ def test_poly_relu_is_bit_identical_to_the_reference(dtype):
 def test_install_step_reports_a_missing_compiler_without_failing(monkeypatch, tmp_path, capsys):
     from polycom.ops import cpu_build
 
-    monkeypatch.setenv("POLYCOM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("POLYCOM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert cpu_build.main([]) == 0
     assert "not built" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from polycom.data.corpus import Corpus, fingerprint_documents
+from polycom.paths import cache_dir
 
 EOS_TOKEN = "<|endoftext|>"
 BPE_FORMAT = "polycom-bpe-v1"
@@ -27,8 +28,8 @@ MIN_VOCAB = 256 + 1  # the 256 byte symbols + the end-of-text token
 
 
 def default_cache_dir() -> Path:
-    """``$POLYCOM_CACHE`` if set, else ``~/.cache/polycom``."""
-    return Path(os.environ.get("POLYCOM_CACHE") or Path.home() / ".cache" / "polycom")
+    """The project cache (:func:`polycom.paths.cache_dir`): ``$POLYCOM_CACHE`` or ``~/.cache/polycom``."""
+    return cache_dir()
 
 
 def _import_tokenizers():

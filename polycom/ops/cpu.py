@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from polycom.paths import cache_dir
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "available",
@@ -106,10 +108,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("POLYCOM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "polycom"
-    )
-    return Path(root)
+    return cache_dir() / "kernels"
 
 
 def library_path(compiler: str) -> Path:
