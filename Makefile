@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job until `polycom compare` exists: a tiny PolyNorm LM on the embedded corpus.
+# Reruns report the finished run (--resume auto); `rm -rf runs/demo` to train again.
 demo: $(STAMP)
-	$(VENV)/bin/polycom demo
+	$(VENV)/bin/polycom train --preset tiny --activation polynorm --max-steps 300 --out runs/demo --resume auto
 
 test: $(STAMP)
 	$(PY) -m pytest -q
