@@ -37,7 +37,7 @@ def _import_tokenizers():
         import tokenizers
     except ImportError as err:  # an optional extra: say how to get it
         raise ValueError(
-            "the 'tokenizers' package is needed for tokenizers: pip install 'polycom[data]'"
+            "the 'tokenizers' package is needed for tokenizers (a polycom dependency): pip install tokenizers"
         ) from err
     return tokenizers
 
