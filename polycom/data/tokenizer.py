@@ -35,7 +35,7 @@ def default_cache_dir() -> Path:
 def _import_tokenizers():
     try:
         import tokenizers
-    except ImportError as err:  # an optional extra: say how to get it
+    except ImportError as err:  # a declared dependency, but say how to get it if it is missing
         raise ValueError(
             "the 'tokenizers' package is needed for tokenizers (a polycom dependency): pip install tokenizers"
         ) from err
