@@ -398,9 +398,9 @@ def _write_outputs(out: str, kernel_rows: list[dict], mlp_rows: list[dict], mark
     import csv
     import io
     import os
-    import tempfile
 
-    os.makedirs(out, exist_ok=True)
+    from polycom.fileio import atomic_write_text
+
     files = {"bench.md": markdown}
     for name, rows in (("kernels.csv", kernel_rows), ("mlp.csv", mlp_rows)):
         if rows:
@@ -410,8 +410,5 @@ def _write_outputs(out: str, kernel_rows: list[dict], mlp_rows: list[dict], mark
             writer.writerows(rows)
             files[name] = buffer.getvalue()
     for name, text in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+        atomic_write_text(os.path.join(out, name), text)
     print(f"wrote {', '.join(files)} to {out}")

@@ -35,6 +35,7 @@ import numpy as np
 
 from polycom.data.corpus import Corpus
 from polycom.data.tokenizer import Tokenizer
+from polycom.fileio import fsync_path
 
 SHARDS_FORMAT = "polycom-shards-v1"
 SPLITS = ("train", "val")
@@ -175,7 +176,7 @@ def prepare_shards(
             "splits": splits,
         }
         _write_json(tmp_dir / "index.json", index)
-        _fsync_dir(tmp_dir)
+        fsync_path(tmp_dir)
         _move_into_place(tmp_dir, out_dir, overwrite)
     finally:
         if tmp_dir.exists():
@@ -242,14 +243,6 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename tmp_dir to out_dir; an existing out_dir is replaced (overwrite) or kept (not)."""
     if out_dir.exists():
@@ -268,7 +261,7 @@ def _move_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
             # a concurrent prepare renamed its copy into place between our check and rename
             if not (out_dir / "index.json").is_file():
                 raise
-    _fsync_dir(out_dir.parent)
+    fsync_path(out_dir.parent)
 
 
 def read_index(data_dir: str | os.PathLike) -> dict:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from polycom.data.corpus import Corpus, fingerprint_documents
+from polycom.fileio import atomic_write_text
 from polycom.paths import cache_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -81,7 +81,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path = path / "tokenizer.json"
-        _atomic_write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
         return path
 
     def info(self) -> dict:
@@ -105,20 +105,6 @@ def _find_eos(backend, source: str) -> str:
         f"tokenizer {source!r} has none of the end-of-text tokens {list(EOS_CANDIDATES)}; "
         "pass eos_token= with the token that separates documents"
     )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _texts_fingerprint(texts) -> tuple[str, Iterable[str]]:

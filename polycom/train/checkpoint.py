@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from polycom.fileio import atomic_write_bytes, atomic_write_text, fsync_path
 from polycom.train.distributed import DistInfo, barrier
 
 COMPLETE = "COMPLETE"
@@ -52,31 +53,6 @@ PAUSE_ENV = "POLYCOM_TEST_CHECKPOINT_PAUSE"
 # ---------------------------------------------------------------------------------------------
 # Small atomic-file helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a directory entry table, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def step_dir_name(step: int) -> str:

@@ -194,7 +194,7 @@ class TrainConfig:
 
     def save_json(self, path: Path) -> None:
         """Write the resolved config as JSON, atomically (temp file, then rename)."""
-        from polycom.train.checkpoint import atomic_write_text
+        from polycom.fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 

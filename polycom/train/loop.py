@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from polycom.fileio import atomic_write_text
 from polycom.train import checkpoint as ckpt
 from polycom.train.config import TrainConfig, describe_differences
 from polycom.train.distributed import (
@@ -368,4 +369,4 @@ def _write_summary(out_dir: Path, result: TrainResult, fingerprint: str) -> None
         "seconds": result.seconds,
         "data_fingerprint": fingerprint,
     }
-    ckpt.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

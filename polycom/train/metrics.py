@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
-from polycom.train.checkpoint import atomic_write_text
+from polycom.fileio import atomic_write_text
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, matched by substring of the name.
 GPU_PEAK_FLOPS = {
