@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from polycom import functional
-from polycom.ops.reference import COMPOSITIONS, DEFAULT_EPS, FLOAT_DTYPES, PRE_FUNCTIONS, RHO_FUNCTIONS
+from polycom.ops import reference
+from polycom.ops.reference import DEFAULT_EPS, FLOAT_DTYPES
 
 __all__ = [
     "ACTIVATIONS",
@@ -107,7 +108,7 @@ class PolyNorm(_PolyBase):
         self, order: int = 3, eps: float = DEFAULT_EPS, impl: str = "auto", device=None, dtype=None
     ) -> None:
         super().__init__(order, impl, device, dtype)
-        functional.reference.check_eps(eps)
+        reference.check_eps(eps)
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,15 +141,8 @@ class PolyCom(_PolyBase):
         device=None,
         dtype=None,
     ) -> None:
-        if rho not in RHO_FUNCTIONS:
-            raise ValueError(f"unknown rho {rho!r}; valid: {', '.join(RHO_FUNCTIONS)}")
-        if composition not in COMPOSITIONS:
-            raise ValueError(f"unknown composition {composition!r}; valid: {', '.join(COMPOSITIONS)}")
-        if pre not in PRE_FUNCTIONS:
-            raise ValueError(f"unknown pre {pre!r}; valid: {', '.join(PRE_FUNCTIONS)}")
-        if pre != "identity" and composition != "type2":
-            raise ValueError(f"pre={pre!r} applies to composition='type2' only, got {composition!r}")
-        functional.reference.check_eps(eps)
+        reference.check_composition(rho, composition, pre)
+        reference.check_eps(eps)
         super().__init__(order, impl, device, dtype)
         self.rho, self.composition, self.pre, self.eps = rho, composition, pre, float(eps)
         if rho == "prelu":

@@ -123,6 +123,18 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
+def check_composition(rho: str, composition: str, pre: str) -> None:
+    """Raise ``ValueError`` naming the bad value unless (rho, composition, pre) is a valid PolyCom."""
+    if rho not in RHO_FUNCTIONS:
+        raise ValueError(f"unknown rho {rho!r}; valid: {', '.join(RHO_FUNCTIONS)}")
+    if composition not in COMPOSITIONS:
+        raise ValueError(f"unknown composition {composition!r}; valid: {', '.join(COMPOSITIONS)}")
+    if pre not in PRE_FUNCTIONS:
+        raise ValueError(f"unknown pre {pre!r}; valid: {', '.join(PRE_FUNCTIONS)}")
+    if pre != "identity" and composition != "type2":
+        raise ValueError(f"pre={pre!r} applies to composition='type2' only, got {composition!r}")
+
+
 def _polynomial(terms: Callable[[int], torch.Tensor], weight: torch.Tensor, bias: torch.Tensor):
     """``weight[0]*terms(r) + weight[1]*terms(r-1) + ... + bias`` with ``r = len(weight)``.
 
@@ -161,14 +173,7 @@ def polycom(
     for type II (PolyReLUNorm is type II with ``pre="relu"``, ``rho="norm"``).
     """
     check_input(x, weight, bias)
-    if rho not in RHO_FUNCTIONS:
-        raise ValueError(f"unknown rho {rho!r}; valid: {', '.join(RHO_FUNCTIONS)}")
-    if composition not in COMPOSITIONS:
-        raise ValueError(f"unknown composition {composition!r}; valid: {', '.join(COMPOSITIONS)}")
-    if pre not in PRE_FUNCTIONS:
-        raise ValueError(f"unknown pre {pre!r}; valid: {', '.join(PRE_FUNCTIONS)}")
-    if pre != "identity" and composition != "type2":
-        raise ValueError(f"pre={pre!r} applies to composition='type2' only, got {composition!r}")
+    check_composition(rho, composition, pre)
     check_eps(eps)
     ct = compute_dtype(x.dtype)
     xc, w, b = x.to(ct), weight.to(ct), bias.to(ct)
