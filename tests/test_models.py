@@ -15,13 +15,7 @@ TINY = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, ffn_base_width=
 MOE = {"num_experts": 4, "top_k": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which spin and stall when tests share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 def tiny_model(moe: dict | None = None, seed: int = 0, **overrides) -> Transformer:

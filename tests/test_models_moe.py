@@ -11,13 +11,7 @@ from polycom.models.moe import MoE, load_balancing_loss, route, router_z_loss
 D, E = 32, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which spin and stall when tests share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 def make_moe(activation="polynorm", top_k=2, coefficients="shared", normalize=False, impl="loop", seed=0):

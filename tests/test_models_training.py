@@ -10,13 +10,7 @@ VOCAB, SEQ, BATCH, MAX_STEPS = 128, 32, 8, 300
 SHAPE = dict(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, ffn_base_width=96, max_seq_len=SEQ)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which spin and stall when tests share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 def overfit(model: Transformer, tokens: torch.Tensor) -> tuple[float, int]:
