@@ -11,6 +11,7 @@ from polycom.data import (
     ValidationWindows,
     WindowLoader,
     load_tokenizer,
+    prepare_data,
     prepare_default,
     prepare_shards,
     stdlib_corpus,
@@ -167,3 +168,15 @@ def test_prepare_command(tmp_path, capsys):
     assert "polycom prepare: error: data path" in capsys.readouterr().err
     assert main([*args, "--tokenizer", str(tmp_path / "out")]) == 2
     assert "cannot be used with --tokenizer" in capsys.readouterr().err
+
+
+def test_bpe_that_runs_out_of_pairs_says_so(tmp_path, capsys):
+    """Asking for more tokens than the corpus supports trains a smaller BPE and prints a note."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text("abc abd " * 20 + str(i))
+    out = prepare_data(str(docs), vocab_size=5000, out_dir=tmp_path / "out", cache_dir=tmp_path / "c")
+    err = capsys.readouterr().err
+    assert "stopped at" in err and "asked for 5,000" in err
+    assert (out / "index.json").is_file()

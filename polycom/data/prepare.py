@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,6 +85,12 @@ def prepare_data(
     corpus = load_corpus(data, val_percent, max_bytes, max_files, text_field, max_docs)
     if tokenizer is None:
         tok = train_bpe(corpus, vocab_size, cache_dir=cache_dir)
+        if tok.vocab_size < vocab_size:  # BPE ran out of pairs: say so instead of shrinking silently
+            print(
+                f"note: BPE on {corpus.name} stopped at {tok.vocab_size:,} tokens (asked for "
+                f"{vocab_size:,}): the corpus has no more pairs seen twice",
+                file=sys.stderr,
+            )
     else:
         tok = load_tokenizer(tokenizer)
     options = {} if shard_tokens is None else {"shard_tokens": shard_tokens}
