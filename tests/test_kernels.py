@@ -68,21 +68,27 @@ def fused(op):
     return lambda x, w, b: getattr(functional, op)(x, w, b, impl="cpu")
 
 
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("width", [1, 7, 8257])
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "one_row"])
-def test_fp32_matches_float64_reference(op, width, layout):
-    shape = {"contiguous": (3, 4, width), "strided": (5, width), "one_row": (1, width)}[layout]
+def check_fp32_against_float64(op: str, run, width: int, layout: str, rows: int) -> None:
+    """``run(x, w, b)`` (an impl of ``op``) on fp32 input: y, dx, dw, db within the fp32 rule of
+    the float64 reference. ``layout``: contiguous 3-D, strided 2-D (transposed storage) or one row."""
+    shape = {"contiguous": (3, 4, width), "strided": (rows, width), "one_row": (1, width)}[layout]
     x = make(shape, torch.float32)
     if layout == "strided":  # same values, transposed storage: rows are not contiguous
         x = x.t().contiguous().t()
     dy = make(shape, torch.float32, seed=1)
-    ours = run_with_grads(fused(op), x, W, B, dy)
+    ours = run_with_grads(run, x, W, B, dy)
     ref32 = run_with_grads(lambda *a: reference_op(op, *a), x, W, B, dy)
     ref = run_with_grads(lambda *a: reference_op(op, *a), x.double(), W.double(), B.double(), dy.double())
     for got, fp32, want in zip(ours, ref32, ref, strict=True):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert_fp32_close(got, want, fp32)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("width", [1, 7, 8257])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "one_row"])
+def test_fp32_matches_float64_reference(op, width, layout):
+    check_fp32_against_float64(op, fused(op), width, layout, rows=5)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -15,7 +15,7 @@ from test_kernels import (
     OPS,
     B,
     W,
-    assert_fp32_close,
+    check_fp32_against_float64,
     make,
     max_err,
     naive_half,
@@ -70,17 +70,7 @@ def triton_op(op):
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "one_row"])
 @pytest.mark.parametrize("width", [7, 300])
 def test_fp32_matches_float64_reference(op, layout, width):
-    shape = {"contiguous": (2, 5, width), "strided": (9, width), "one_row": (1, width)}[layout]
-    x = make(shape, torch.float32)
-    if layout == "strided":
-        x = x.t().contiguous().t()
-    dy = make(shape, torch.float32, seed=1)
-    ours = run_with_grads(triton_op(op), x, W, B, dy)
-    ref32 = run_with_grads(lambda *a: reference_op(op, *a), x, W, B, dy)
-    ref = run_with_grads(lambda *a: reference_op(op, *a), x.double(), W.double(), B.double(), dy.double())
-    for got, fp32, want in zip(ours, ref32, ref, strict=True):
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        assert_fp32_close(got, want, fp32)
+    check_fp32_against_float64(op, triton_op(op), width, layout, rows=9)
 
 
 @pytest.mark.parametrize("op", OPS)
