@@ -16,9 +16,8 @@ from test_kernels import (
     B,
     W,
     check_fp32_against_float64,
+    check_half_against_naive,
     make,
-    max_err,
-    naive_half,
     reference_op,
     run_with_grads,
 )
@@ -76,15 +75,7 @@ def test_fp32_matches_float64_reference(op, layout, width):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_no_worse_than_twice_naive_same_dtype(op, dtype):
-    x = make((6, 300), dtype)
-    dy = make((6, 300), dtype, seed=1, scale=1.0)
-    ours = run_with_grads(triton_op(op), x, W, B, dy)
-    naive = run_with_grads(lambda *a: naive_half(op, *a), x, W, B, dy)
-    ref = run_with_grads(lambda *a: reference_op(op, *a), x.double(), W.double(), B.double(), dy.double())
-    for name, got, bad, want in zip(("y", "dx", "dw", "db"), ours, naive, ref, strict=True):
-        assert got.dtype == bad.dtype
-        floor = torch.finfo(dtype).eps * want.abs().max().item()
-        assert max_err(got, want) <= max(2 * max_err(bad, want), floor), name
+    check_half_against_naive(op, triton_op(op), dtype, width=300)
 
 
 @pytest.mark.parametrize("op", OPS)
